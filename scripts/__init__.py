@@ -1,0 +1,1 @@
+"""Python modules that the bundle's configs instantiate as ``scripts.<module>.<Class>``."""
