@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["latest_checkpoint", "require_checkpoint"]
+__all__ = ["KeyedStateDict", "latest_checkpoint", "require_checkpoint"]
 
 _STEP_PATTERN = re.compile(r"=(\d+)\.pt$")
 
@@ -49,3 +52,34 @@ def require_checkpoint(path: str | Path) -> str:
             "or set ckpt_path to a checkpoint whose weights are stored under the key 'model'."
         )
     return str(checkpoint)
+
+
+class KeyedStateDict:
+    """Group modules so that a checkpoint stores each state dict under its own key.
+
+    Ignite's ``Checkpoint`` (0.5) saves the bare state dict when it is given one
+    object, so ``CheckpointSaver(save_dict={"model": network})`` writes the
+    weights without the ``model`` key. Saving ``{"model": KeyedStateDict(model=network)}``
+    instead writes ``{"model": weights}``, the layout the model zoo and
+    ``CheckpointLoader(load_dict={"model": network})`` expect. Wrapped
+    ``DistributedDataParallel`` or ``DataParallel`` modules are saved without the
+    ``module.`` prefix.
+    """
+
+    def __init__(self, **modules: nn.Module) -> None:
+        if not modules:
+            raise ValueError("KeyedStateDict needs at least one module, e.g. KeyedStateDict(model=network).")
+        self.modules = modules
+
+    @staticmethod
+    def _unwrap(module: nn.Module) -> nn.Module:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            return module.module
+        return module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: self._unwrap(module).state_dict() for name, module in self.modules.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, module in self.modules.items():
+            self._unwrap(module).load_state_dict(state[name])

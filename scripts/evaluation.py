@@ -55,6 +55,8 @@ from monai.metrics import (
 from monai.utils import convert_to_numpy, convert_to_tensor
 from scipy import stats
 
+from scripts.datalist import case_from_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -63,7 +65,6 @@ __all__ = [
     "SIZE_GROUPS",
     "SegmentationReportHandler",
     "build_case_row",
-    "case_name_from_path",
     "compute_case_metrics",
     "main",
     "paired_t_test",
@@ -603,23 +604,6 @@ def format_t_test_markdown(result: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def case_name_from_path(path: str | os.PathLike) -> str:
-    """Return the case name of a label file.
-
-    ``<case>/label.nii.gz`` (or ``label.nii``) gives the folder name ``<case>``, and
-    any other file gives its name without ``.nii.gz`` or ``.nii``.
-    """
-    file_path = Path(path)
-    name = file_path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if name == "label" and file_path.parent.name:
-        return file_path.parent.name
-    return name
-
-
 def _foreground_mask(tensor: torch.Tensor, key: str) -> torch.Tensor:
     """Return the tumour mask (X, Y, Z) of a class-index (1, X, Y, Z) or one-hot (2, X, Y, Z) tensor."""
     if tensor.ndim != 4 or tensor.shape[0] not in (1, 2):
@@ -685,7 +669,7 @@ class SegmentationReportHandler:
     ``<label_key>_meta_dict`` entry ``affine`` or else ``pixdim`` is used, and without
     either the handler raises ValueError instead of assuming 1 mm. The case name is
     ``output[case_key]`` (or the batch's) when ``case_key`` is given. Otherwise it
-    comes from the label's ``filename_or_obj`` (see :func:`case_name_from_path`) or,
+    comes from the label's ``filename_or_obj`` (see ``scripts.datalist.case_from_path``) or,
     without one, ``case_<index>``. A name that two different files share gets a
     suffix ``-2``, ``-3`` and so on.
 
@@ -841,7 +825,7 @@ class SegmentationReportHandler:
                 return str(value)
             logger.warning("Sample is missing %r, so the case is named from its label file.", self.case_key)
         if label_file:
-            return case_name_from_path(label_file)
+            return case_from_path(label_file)
         return f"case_{len(self.rows):04d}"
 
     def _unique_case_name(self, case: str, label_file: str) -> str:

@@ -20,10 +20,10 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import AsDiscreted
 from scipy import stats
 
+from scripts.datalist import case_from_path
 from scripts.evaluation import (
     CSV_COLUMNS,
     SegmentationReportHandler,
-    case_name_from_path,
     compute_case_metrics,
     main,
     paired_t_test,
@@ -405,7 +405,7 @@ def test_compare_command_reports_bad_file(tmp_path, capsys):
     ],
 )
 def test_case_name_from_path(path, case):
-    assert case_name_from_path(path) == case
+    assert case_from_path(path) == case
 
 
 class ImageAsLogits(torch.nn.Module):
