@@ -42,8 +42,8 @@ def run_bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def small_network_overrides(root: Path) -> list[str]:
-    """Overrides shared by every run on the phantom: paths under ``root`` and a tiny schedule."""
+def phantom_overrides(root: Path) -> list[str]:
+    """Overrides shared by every run on the phantom: paths under ``root``, two folds, no caching."""
     return [
         "--bundle_root", str(root),
         "--dataset_dir", str(root / "phantom"),
@@ -58,7 +58,7 @@ def phantom_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom_run")
     generate_phantom_dataset(root / "phantom", num_cases=4, shape_xy=(128, 128), num_slices=12, seed=3)
     run_bundle(
-        "run", "training", "--config_file", TRAIN, *small_network_overrides(root),
+        "run", "training", "--config_file", TRAIN, *phantom_overrides(root),
         "--max_epochs", "1", "--iterations_per_epoch", "3", "--val_interval", "1",
     )
     return root
@@ -81,7 +81,7 @@ def test_training_state_has_everything_to_resume(phantom_run):
 
 def test_training_resumes_from_state(phantom_run):
     result = run_bundle(
-        "run", "training", "--config_file", TRAIN, *small_network_overrides(phantom_run),
+        "run", "training", "--config_file", TRAIN, *phantom_overrides(phantom_run),
         "--max_epochs", "2", "--iterations_per_epoch", "2", "--val_interval", "2", "--resume", "True",
     )
     log = result.stdout + result.stderr
@@ -99,7 +99,7 @@ def test_inference_mask_matches_input_grid(phantom_run):
     case_dir = phantom_run / "phantom" / "phantom_001"
     output_dir = phantom_run / "inference_one"
     run_bundle(
-        "run", "--config_file", INFER, *small_network_overrides(phantom_run),
+        "run", "--config_file", INFER, *phantom_overrides(phantom_run),
         "--case", str(case_dir), "--output_dir", str(output_dir), "--save_probabilities", "True",
     )
     reference = nib.load(case_dir / "t1.nii.gz")
@@ -129,7 +129,7 @@ def test_inference_accepts_multichannel_image(phantom_run, tmp_path):
     nib.save(nib.Nifti1Image(stacked.astype(np.float32), reference.affine), multichannel)
 
     folder_output, file_output = tmp_path / "from_folder", tmp_path / "from_file"
-    common = ["run", "--config_file", INFER, *small_network_overrides(phantom_run)]
+    common = ["run", "--config_file", INFER, *phantom_overrides(phantom_run)]
     run_bundle(*common, "--case", str(case_dir), "--output_dir", str(folder_output))
     run_bundle(*common, "--case", str(multichannel), "--output_dir", str(file_output))
 
@@ -141,7 +141,7 @@ def test_inference_accepts_multichannel_image(phantom_run, tmp_path):
 
 def test_evaluation_writes_reports(phantom_run):
     output_dir = phantom_run / "evaluation"
-    run_bundle("run", "--config_file", EVALUATE, *small_network_overrides(phantom_run), "--output_dir", str(output_dir))
+    run_bundle("run", "--config_file", EVALUATE, *phantom_overrides(phantom_run), "--output_dir", str(output_dir))
     with open(output_dir / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     cases = sorted(path.name for path in (phantom_run / "phantom").iterdir())
@@ -162,7 +162,7 @@ def test_missing_modality_names_the_file(phantom_run, tmp_path):
     for name in ("t1", "stir"):
         (case_dir / f"{name}.nii.gz").write_bytes((phantom_run / "phantom" / "phantom_000" / f"{name}.nii.gz").read_bytes())
     result = run_bundle(
-        "run", "--config_file", INFER, *small_network_overrides(phantom_run),
+        "run", "--config_file", INFER, *phantom_overrides(phantom_run),
         "--case", str(case_dir), "--output_dir", str(tmp_path / "out"), check=False,
     )
     assert result.returncode != 0
