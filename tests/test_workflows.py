@@ -197,3 +197,20 @@ def test_ckpt_export_traces(phantom_run):
     module = torch.jit.load(str(exported))
     output = module(torch.randn(1, 3, 64, 64, 8))
     assert output.shape == (1, 2, 64, 64, 8)
+
+
+def test_distributed_training_two_processes(tmp_path):
+    generate_phantom_dataset(tmp_path / "phantom", num_cases=4, shape_xy=(128, 128), num_slices=12, seed=1)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", "['configs/train.yaml','configs/quick.yaml','configs/multi_gpu_train.yaml']",
+        *phantom_overrides(tmp_path),
+        "--max_epochs", "2", "--iterations_per_epoch", "2", "--val_interval", "1",
+    ]
+    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "outputs" / "train" / "state_checkpoint_epoch=2.pt").is_file()
+    # Only the first process logs the loss: two epochs of two iterations.
+    assert result.stdout.count("train_loss") == 4
