@@ -13,6 +13,13 @@ output_dir="${2:-runs}"
 epochs="${EPOCHS:-10}"
 iterations="${ITERATIONS:-40}"
 
+for set_name in msd_brats_patches ibsi_sts_t1; do
+    if [[ ! -d "$data_dir/$set_name" ]]; then
+        echo "error: $data_dir/$set_name not found; pass the folder that holds msd_brats_patches/ and ibsi_sts_t1/ as the first argument." >&2
+        exit 2
+    fi
+done
+
 run_set() {
     local name="$1" dataset="$2" modalities="$3" pattern="$4" folds="$5" fold="$6"
     local root="$output_dir/$name"
@@ -20,16 +27,18 @@ run_set() {
                   --patient_pattern "$pattern" --num_folds "$folds" --fold "$fold")
     mkdir -p "$root"
     : > "$root/times.txt"
+    echo "$name: training, log in $root/train.log"
 
     local start=$SECONDS
     python -m monai.bundle run training --config_file "['configs/train.yaml','configs/quick.yaml']" \
         "${common[@]}" --generate_phantom False --max_epochs "$epochs" --iterations_per_epoch "$iterations" \
-        --val_interval "$epochs" > "$root/train.log" 2>&1
+        --val_interval "$epochs" > "$root/train.log" 2>&1 || { echo "error: training failed, see $root/train.log" >&2; exit 1; }
     echo "training_seconds $((SECONDS - start))" >> "$root/times.txt"
 
     start=$SECONDS
+    echo "$name: evaluation, log in $root/evaluate.log"
     python -m monai.bundle run --config_file "['configs/inference.yaml','configs/evaluate.yaml','configs/quick.yaml']" \
-        "${common[@]}" > "$root/evaluate.log" 2>&1
+        "${common[@]}" > "$root/evaluate.log" 2>&1 || { echo "error: evaluation failed, see $root/evaluate.log" >&2; exit 1; }
     echo "evaluation_seconds $((SECONDS - start))" >> "$root/times.txt"
     cat "$root/times.txt" "$root/outputs/evaluation/summary.md"
 }

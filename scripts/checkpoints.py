@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,17 @@ def latest_checkpoint(directory: str | Path, prefix: str = "state") -> str:
     return str(newest)
 
 
-def require_checkpoint(path: str | Path) -> str:
-    """Return ``path`` as a string if the checkpoint file exists, else raise FileNotFoundError with the fix."""
+def require_checkpoint(path: str | Path, network: nn.Module | None = None, key: str = "model") -> str:
+    """Return ``path`` as a string after checking that the checkpoint exists and fits ``network``.
+
+    With ``network``, the weights under ``key`` must have the network's parameter
+    names and shapes, so that a checkpoint trained with other modalities or
+    another network size stops here with the fix instead of deep in loading.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the weights do not fit ``network``, naming the first differing parameter.
+    """
     checkpoint = Path(path)
     if not checkpoint.is_file():
         raise FileNotFoundError(
@@ -51,7 +61,30 @@ def require_checkpoint(path: str | Path) -> str:
             "(python -m monai.bundle run training --config_file configs/train.yaml), "
             "or set ckpt_path to a checkpoint whose weights are stored under the key 'model'."
         )
+    if network is not None:
+        _check_weights_fit(checkpoint, network, key)
     return str(checkpoint)
+
+
+def _check_weights_fit(checkpoint: Path, network: nn.Module, key: str) -> None:
+    """Raise ValueError when the checkpoint's weights do not match ``network``'s parameters."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights = state.get(key, state) if isinstance(state, dict) else state
+    expected = network.module.state_dict() if hasattr(network, "module") else network.state_dict()
+
+    hint = (
+        "The network config (modalities, embed_dim, num_heads, window_size) must match the training run: "
+        "merge the same configs, e.g. configs/quick.yaml for quick-profile weights, and pass the same --modalities."
+    )
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"Checkpoint {checkpoint} has no weights for {missing[0]} ({len(missing)} missing). {hint}")
+    for name, tensor in expected.items():
+        if tuple(weights[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"Checkpoint {checkpoint} contains {name} of shape {tuple(weights[name].shape)}, "
+                f"but the network expects {tuple(tensor.shape)}. {hint}"
+            )
 
 
 class KeyedStateDict:

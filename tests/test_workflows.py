@@ -214,3 +214,13 @@ def test_distributed_training_two_processes(tmp_path):
     assert (tmp_path / "outputs" / "train" / "state_checkpoint_epoch=2.pt").is_file()
     # Only the first process logs the loss: two epochs of two iterations.
     assert result.stdout.count("train_loss") == 4
+
+
+def test_checkpoint_of_other_modalities_explains(phantom_run):
+    result = run_bundle(
+        "run", "--config_file", INFER, *phantom_overrides(phantom_run), "--modalities", "['t1','stir']",
+        "--case", str(phantom_run / "phantom" / "phantom_000"), "--output_dir", str(phantom_run / "two"), check=False,
+    )
+    assert result.returncode != 0
+    assert "must match the training run" in result.stderr
+    assert "but the network expects" in result.stderr
