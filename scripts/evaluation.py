@@ -72,6 +72,7 @@ __all__ = [
     "summarise",
     "tumour_volume_cc",
     "write_reports",
+    "write_text_atomic",
 ]
 
 # Metrics that summaries and paired t-tests cover, in report order.
@@ -380,7 +381,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"std_ddof": 1, "group_definitions": dict(SIZE_GROUPS), "groups": groups}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it onto ``path``."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -481,9 +482,9 @@ def write_reports(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
         "json": folder / "summary.json",
         "markdown": folder / "summary.md",
     }
-    _write_text_atomic(paths["csv"], buffer.getvalue())
-    _write_text_atomic(paths["json"], json.dumps(_json_ready(summary), indent=2, allow_nan=False) + "\n")
-    _write_text_atomic(paths["markdown"], format_summary_markdown(summary))
+    write_text_atomic(paths["csv"], buffer.getvalue())
+    write_text_atomic(paths["json"], json.dumps(_json_ready(summary), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(paths["markdown"], format_summary_markdown(summary))
     return paths
 
 
@@ -870,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(format_t_test_markdown(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(args.json, json.dumps(_json_ready(result), indent=2, allow_nan=False) + "\n")
+        write_text_atomic(args.json, json.dumps(_json_ready(result), indent=2, allow_nan=False) + "\n")
         logger.info("Wrote the t-test result to %s.", args.json)
     return 0
 

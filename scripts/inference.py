@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.utils import ImageMetaKey
 
 from scripts.datalist import case_from_path, load_datalist
-from scripts.evaluation import tumour_volume_cc
+from scripts.evaluation import tumour_volume_cc, write_text_atomic
 from scripts.losses import spacing_from_affine
 
 logger = logging.getLogger(__name__)
@@ -176,8 +176,5 @@ class TumourVolumeHandler:
         writer.writeheader()
         writer.writerows(self.rows)
 
-        target = self.output_dir / self.filename
-        temporary = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        temporary.write_text(buffer.getvalue(), encoding="utf-8")
-        os.replace(temporary, target)
+        write_text_atomic(self.output_dir / self.filename, buffer.getvalue())
         logger.info("Segmented %d case(s); masks and %s are in %s", len(self.rows), self.filename, self.output_dir)

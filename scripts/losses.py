@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.losses import DiceLoss
 from monai.networks import one_hot
 from torch import nn
@@ -80,11 +81,14 @@ def spacing_from_affine(affine: torch.Tensor, spatial_dims: int = 3) -> torch.Te
         affine: (spatial_dims + 1, spatial_dims + 1) or (B, spatial_dims + 1, spatial_dims + 1).
 
     Returns:
-        (spatial_dims,) or (B, spatial_dims): the norm of each column of the
-        rotation-and-scaling block, which stays correct after reorientation.
+        (spatial_dims,) or (B, spatial_dims), from MONAI's ``affine_to_spacing`` (the
+        norm of each column of the rotation-and-scaling block, so it stays correct
+        after reorientation), applied per sample for a batch.
     """
-    block = affine[..., :spatial_dims, :spatial_dims].to(torch.float64)
-    return torch.linalg.norm(block, dim=-2)
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    if affine.ndim == 2:
+        return affine_to_spacing(affine, r=spatial_dims, dtype=torch.float64)
+    return torch.stack([affine_to_spacing(sample, r=spatial_dims, dtype=torch.float64) for sample in affine])
 
 
 class AnatomyAwareLoss(_Loss):
