@@ -15,7 +15,7 @@ iterations="${ITERATIONS:-40}"
 
 for set_name in msd_brats_patches ibsi_sts_t1; do
     if [[ ! -d "$data_dir/$set_name" ]]; then
-        echo "error: $data_dir/$set_name not found; pass the folder that holds msd_brats_patches/ and ibsi_sts_t1/ as the first argument." >&2
+        echo "error: $data_dir/$set_name not found. Pass the folder that contains msd_brats_patches/ and ibsi_sts_t1/ as the first argument." >&2
         exit 2
     fi
 done

@@ -20,8 +20,8 @@ class AdaptiveLossWeightHandler:
     """Set the Dice weight of a :class:`DiceAnatomyAwareLoss` after every epoch.
 
     The loss is ``L = L_A + lambda * L_Dice``. During an epoch the handler sums the
-    two components that the loss recorded at each iteration; when the epoch ends it
-    sets ``lambda = mean(L_A) / mean(L_Dice)`` for the next epoch, so that both terms
+    two components that the loss recorded at each iteration. When the epoch ends it
+    sets ``lambda = mean(L_A) / mean(L_Dice)`` for the next epoch, so both terms
     weigh the same. Under torch.distributed the sums are reduced over all ranks
     first, so every rank gets the same weight. The weight keeps its previous value
     when the epoch's mean Dice loss is zero or either mean is not finite.

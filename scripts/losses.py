@@ -9,9 +9,9 @@ truth ``G`` along each spatial axis,
 
 with ``u`` the voxel coordinate normalised to [0, 1] along that axis and ``I``
 the voxel value in ``P`` or ``G``. The ``eps`` in the numerator and the
-denominator puts the centre of an empty mask in the middle of the patch, so a
-prediction of tumour in a patch without tumour is pulled toward the centre
-rather than left without a gradient. The loss is
+denominator puts the centre of an empty mask in the middle of the patch. A
+prediction of tumour in a patch without tumour is then pulled toward the centre
+instead of getting no gradient. The loss is
 
     L_A = sum over axes |c_G - c_P| ** beta * spacing_axis,
 
@@ -165,7 +165,7 @@ class AnatomyAwareLoss(_Loss):
         if spacing.ndim == 1:
             spacing = spacing.expand(batch, spatial_dims)
         if spacing.shape[0] != batch:
-            raise ValueError(f"spacing holds {spacing.shape[0]} samples but the batch holds {batch}.")
+            raise ValueError(f"spacing has {spacing.shape[0]} rows but the batch has {batch} samples; pass one row per sample.")
         return spacing
 
     def forward(
@@ -216,10 +216,9 @@ class AnatomyAwareLoss(_Loss):
 class DiceAnatomyAwareLoss(nn.Module):
     """Anatomy-aware loss plus weighted Dice loss: ``L = L_A + lambda_dice * L_Dice``.
 
-    ``lambda_dice`` starts at ``initial_lambda`` (1 by default) and is meant to be
-    set after every epoch to mean(L_A) / mean(L_Dice) over that epoch's iterations,
-    so that both terms weigh the same; ``scripts.handlers.AdaptiveLossWeightHandler``
-    does this. The weight is a buffer, so it is saved in ``state_dict`` and a resumed
+    ``lambda_dice`` starts at ``initial_lambda`` (1 by default).
+    ``scripts.handlers.AdaptiveLossWeightHandler`` sets it after every epoch to
+    mean(L_A) / mean(L_Dice) over that epoch's iterations, so both terms weigh the same. The weight is a buffer, so it is saved in ``state_dict`` and a resumed
     run continues with it. The components of the last call are kept as floats in
     ``last_anatomy_loss`` and ``last_dice_loss`` for that handler.
 
